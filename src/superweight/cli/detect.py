@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
@@ -57,8 +58,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:,.0f}"
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def print_report(report: DetectionReport) -> None:
@@ -67,18 +70,18 @@ def print_report(report: DetectionReport) -> None:
         f"[bold]{provenance.get('model')}[/] ({report.model_type}, {report.num_layers} layers, "
         f"{provenance.get('dtype')}); prompt: {escape(repr(report.config.prompt))}", highlight=False,
     )
-    table = Table(title="Super weight candidates", title_justify="left")
+    table = Table(title="Super weight candidates", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
     # Cells hold literal brackets such as "[507, 1229]"; escape them from rich markup.
-    for column in ("layer", "[row, col]", "weight", "super act.", "input act.", "token", "persist.", "depth"):
-        table.add_column(column, justify="right")
+    for column in ("layer", escape("[row, col]"), "weight", "SA", "input", "token", "persist"):
+        table.add_column(column, justify="right", no_wrap=True, overflow="ellipsis", min_width=len(column))
     if report.config.verify:
-        for column in ("ppl x alone", "ppl x group", "status"):
-            table.add_column(column, justify="right")
+        for column in ("ppl ×", "group ×", "status"):
+            table.add_column(column, justify="right", no_wrap=True)
     for c in report.candidates:
         cells = [
             str(c.layer), escape(f"[{c.super_weight.row}, {c.super_weight.col}]"), _fmt(c.value),
-            _fmt(c.super_activation), _fmt(c.input_activation), escape(f"{c.token} {c.token_text!r}"),
-            "-" if c.persistence is None else f"{c.persistence:.0%}", f"{c.depth:.2f}",
+            _fmt(c.super_activation), _fmt(c.input_activation), escape(f"{c.token_text!r} ({c.token})"),
+            "-" if c.persistence is None else f"{c.persistence:.0%}",
         ]
         if report.config.verify:
             style = "green" if c.status == "confirmed" else "red"
@@ -92,7 +95,10 @@ def print_report(report: DetectionReport) -> None:
         "Coordinates are [row, col] = [output channel, input channel] of the layer's "
         "down-projection weight (nn.Linear convention"
         + ("; GPT-2's Conv1D stores weight[col, row]" if report.weight_layout == "conv1d" else "")
-        + "). persist. = share of later layers whose residual stream keeps its largest value in channel row.",
+        + "). SA = super activation, the down-projection output at [token, row]; input = its input at "
+        "[token, col]; persist = share of later layers whose residual stream keeps its largest value in channel row"
+        + ("; ppl × = perplexity on a built-in text with the weight zeroed, over the original, alone and with "
+           "its group (same layer and row) zeroed." if report.config.verify else "."),
         highlight=False, markup=False,
     )
     if not report.config.verify and report.candidates:
