@@ -18,8 +18,8 @@ from superweight.models import CATALOG, DEFAULT_MODEL, DTYPES, LoadedModel, Mode
 log = logging.getLogger("superweight.cli")
 
 # Tables go to stdout; logs and progress to stderr, so `--json` output stays clean.
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
