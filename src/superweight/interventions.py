@@ -85,20 +85,6 @@ def pruned_super_weights(model: nn.Module, super_weights: Iterable[SuperWeight],
 # -- restoring the super activation -------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class SuperActivationRecord:
-    """Original super-activation values of one super weight's row, captured per sequence.
-
-    ``positions`` are the token positions where the unedited model's down-projection
-    output in channel ``row`` has ``|value| >= threshold * max |value|`` over that
-    sequence's real tokens (padding excluded); ``values`` are the outputs there.
-    """
-
-    super_weight: SuperWeight
-    positions: torch.Tensor  # bool [batch, tokens]
-    values: torch.Tensor  # [batch, tokens], meaningful where positions is true
-
-
 @contextlib.contextmanager
 def restored_super_activations(
     model: nn.Module,
@@ -110,12 +96,14 @@ def restored_super_activations(
     """Prune super weights but write the original super activation back.
 
     On every forward pass inside the block the model first runs unedited, with hooks
-    that record each super weight's down-projection output in channel ``row``; the
-    positions whose ``|value|`` is at least ``threshold`` times the sequence's largest
-    ``|value|`` in that channel are the super-activation positions (for real models,
-    the first token and a few delimiter tokens). Then the super weights are zeroed and
-    the same forward runs again with hooks that overwrite channel ``row`` at those
-    positions with the recorded values. Positions are found per sequence, so a batch
+    that record each super weight's down-projection output in channel ``row``. The
+    super-activation positions are those whose ``|value|`` is at least ``threshold``
+    times the sequence's largest ``|value|`` in that channel: for real models, the first
+    token and a few delimiter tokens. Every sequence has at least one such position, so
+    a sequence without a super activation gets its own largest value written back, which
+    is the unedited model's value there. Then the super weights are zeroed and the same
+    forward runs again with hooks that overwrite channel ``row`` at those positions
+    with the recorded values. Positions are found per sequence, so a batch
     with padding restores each sequence at its own positions; masked positions are
     never selected. The model's weights are restored on exit.
 
@@ -261,9 +249,10 @@ def prune_outliers_(
     """Zero the top ``fraction`` of ``|w|`` in each selected weight matrix, in place.
 
     Each matrix loses ``ceil(fraction * numel)`` weights (at least one), the largest by
-    magnitude; ties at the threshold are broken by ``torch.topk``. ``keep_super_weights``
-    are put back afterwards, as in the paper's "Prune non-SW" ablation (fraction 1e-6
-    over all layers). Returns the report and a backup for :func:`restore_weights_`.
+    magnitude, and ``torch.topk`` breaks ties at the threshold. ``keep_super_weights``
+    keep their values, which matches the "Prune non-SW" ablation of Yu et al. (2024):
+    zero the top 1e-6 of every matrix in all layers, then put the super weights back.
+    Returns the report and a backup for :func:`restore_weights_`.
     """
     if not isinstance(fraction, float | int) or not math.isfinite(fraction) or not 0 < fraction < 1:
         raise ValueError(f"outlier fraction {fraction!r} is invalid; use a number in (0, 1), e.g. 1e-6")
