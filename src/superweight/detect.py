@@ -9,13 +9,14 @@ token with its channel.
 Candidate rule: a layer is a candidate when its largest ``|output|`` (what enters the
 residual stream) is at least ``spike_ratio`` times the median of that value over all
 layers, and at least ``min_spike``. Its super weight is ``[output channel, input
-channel]``. Found weights are zeroed and the pass repeated, because other super weights
+channel]``, where the input channel is the one contributing most to the spike. Found weights are zeroed and the pass repeated, because other super weights
 appear once the first is gone. Every weight is restored at the end.
 
 Not every spike is a super weight (Llama-7B's layer 30 spikes and is not one). Each
-candidate carries evidence: whether its channel stays the largest in the residual
-stream over the following layers, and its depth; ``verify=True`` adds the causal test,
-perplexity on a short built-in text with that weight zeroed, relative to the original.
+candidate carries evidence: its depth, and whether its channel stays the largest in the
+residual stream over the following layers. ``verify=True`` adds the causal test, which
+measures perplexity on a short built-in text with that weight zeroed, relative to the
+original.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class DetectionConfig:
     """Settings of :func:`detect_super_weights`."""
 
     prompt: str = DEFAULT_PROMPT
-    """Text fed to the model; any text works, the default is the one the paper used."""
+    """Text fed to the model. Any text works; the default is the prompt of Yu et al. (2024)."""
     max_iterations: int = 3
     """Forward passes: after each, found weights are zeroed and the pass repeated."""
     spike_ratio: float = 50.0
@@ -175,7 +176,7 @@ class Candidate:
 
 @dataclasses.dataclass
 class DetectionReport:
-    """What :func:`detect_super_weights` found, step by step."""
+    """Result of :func:`detect_super_weights`: candidates and per-pass layer statistics."""
 
     config: DetectionConfig
     candidates: list[Candidate]

@@ -34,7 +34,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class ModelLoadError(ValueError):
-    """A model could not be found, verified or loaded; the message says what to do."""
+    """Error raised when a model cannot be found, verified or loaded; the message names the fix."""
 
 
 # -- catalog -------------------------------------------------------------------------
@@ -232,7 +232,7 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     spec: str
-    """What the caller asked for (catalog name, hub id, folder or file)."""
+    """The model argument as given: a catalog name, hub id, folder or file."""
     source: str
     """One of ``catalog``, ``gguf``, ``folder``, ``hub``."""
     path: str | None
@@ -399,9 +399,9 @@ def _save_dequantized(model, folder: Path) -> None:
     """Save a GGUF-loaded model as a plain float32 safetensors checkpoint."""
     from safetensors.torch import save_model
 
-    # transformers refuses save_pretrained on GGUF-loaded models, although their weights
-    # are ordinary dense tensors by now; save the config without the GGUF marker and
-    # the weights with safetensors, which drops tied duplicates such as lm_head.
+    # transformers 5.25 raises in save_pretrained for GGUF-loaded models, although their
+    # weights are ordinary dense tensors by now. So save the config without the GGUF
+    # marker, and the weights with safetensors, which drops tied duplicates like lm_head.
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
