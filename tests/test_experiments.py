@@ -187,6 +187,7 @@ def test_sensitivity_with_tasks(tiny_loaded, tmp_path, text_file):
     table = (tmp_path / "table.md").read_text()
     assert "|  | ARC-e | AVG | ppl " in table
     assert "--limit 2" in table
+    assert "first 1 window (64 tokens) of each source only" in table
 
 
 def test_render_table_formats_large_perplexity():

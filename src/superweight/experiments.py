@@ -370,6 +370,11 @@ def render_table(manifest: Mapping[str, Any], runs: Sequence[Mapping[str, Any]])
     missing = [name for name in manifest.get("configurations", []) if name not in finished]
     notes = ["", "Accuracy in % (lm_eval `acc`, zero-shot); AVG is their mean. Perplexity: windows of "
              f"{settings.get('seqlen')} tokens (GPTQ protocol) on the named text sources."]
+    if sources and settings.get("max_windows") is not None:
+        windows = settings["max_windows"]
+        noun = "window" if windows == 1 else "windows"
+        notes.append(f"Perplexity on the first {windows} {noun} ({windows * settings.get('seqlen', 0):,} tokens) "
+                     "of each source only (--max-windows).")
     if settings.get("limit") is not None:
         notes.append(f"Evaluated with --limit {settings['limit']:g}: the first {settings['limit']:g} examples of "
                      "each task, not the full splits, so accuracies carry a large sampling error.")
