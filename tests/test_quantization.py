@@ -653,3 +653,48 @@ def test_smoothquant_rejects_unsupported_model():
     model = make_model("gpt2")
     with pytest.raises(ValueError, match="gpt2"):
         smooth_(model, None, 0.85, calibration_ids=torch.zeros(1, 8).long())
+
+
+# -- the real default model ---------------------------------------------------------------------
+
+# Super weights of SmolLM2-135M found by superweight.detect (layer, row, col).
+SMOLLM2_SUPER_WEIGHTS = [SuperWeight(11, 507, 1229), SuperWeight(11, 507, 1487)]
+
+
+@pytest.mark.slow
+def test_default_model_int8_keeps_perplexity(default_model):
+    from superweight.perplexity import evaluate_perplexity
+
+    model, tokenizer = default_model.model, default_model.tokenizer
+    snapshot = state_snapshot(model)
+
+    def perplexity() -> float:
+        return evaluate_perplexity(model, tokenizer, "wiki-sample", seqlen=128, max_windows=1, progress=False).perplexity
+
+    reference = perplexity()
+    with quantized_weights(model, WeightQuantConfig(bits=8, block_size=65536, keep_super_weights=True),
+                           SMOLLM2_SUPER_WEIGHTS) as report:
+        quantized = perplexity()
+    assert report.restored == 2
+    assert quantized == pytest.approx(reference, rel=0.05)
+    assert_bit_identical(model, snapshot)
+
+
+@pytest.mark.slow
+def test_default_model_sa_aware_w8a8(default_model):
+    from superweight.perplexity import evaluate_perplexity, tokenize_source
+    from superweight.quantization import calibration_batch
+
+    model, tokenizer = default_model.model, default_model.tokenizer
+    batch = calibration_batch(tokenizer, "wiki-sample", num_tokens=256, seqlen=128)
+    assert tuple(batch.shape) == (2, 128)
+    assert torch.equal(batch[1], tokenize_source(tokenizer, "wiki-sample")[128:256])
+
+    snapshot = state_snapshot(model)
+    config = ActivationQuantConfig(keep_super_activations=True)
+    with simulated_w8a8(model, config, SMOLLM2_SUPER_WEIGHTS, tokenizer=tokenizer) as report:
+        result = evaluate_perplexity(model, tokenizer, "wiki-sample", seqlen=128, max_windows=1, progress=False)
+    assert report.held_out_channels["model.layers.11.mlp.down_proj"] == (1229, 1487)
+    assert report.held_out_channels["model.layers.12.self_attn.q_proj"] == (507,)
+    assert math.isfinite(result.perplexity)
+    assert_bit_identical(model, snapshot)

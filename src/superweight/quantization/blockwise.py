@@ -34,7 +34,9 @@ Clipping sets ``w`` to ``clamp(w, -t, t)`` with a threshold ``t`` on ``|w|`` per
 Order statistics are exact and cost O(n): the largest values come from the few 64-element
 sub-blocks whose maximum can reach them, and quantiles from a histogram of the float32
 bit patterns of ``|w|`` (monotone for non-negative floats) followed by a sort of the few
-elements in the bin that holds each rank.
+elements in the bin that contains each rank.
+
+NOTE: the kernels accept CUDA tensors, but they are tuned and tested on CPU only.
 """
 
 from __future__ import annotations

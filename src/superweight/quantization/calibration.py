@@ -173,7 +173,8 @@ class _ErrorAccumulator:
 
     def _quantized(self, weight: torch.Tensor, stored: torch.Tensor, config: WeightQuantConfig, conv1d: bool):
         quantized = weight.clone()
-        _quantize_into(quantized, quantized, config, pool=self.pool)
+        with blockwise.single_threaded():
+            _quantize_into(quantized, quantized, config, pool=self.pool)
         if self.keep:
             for _, index in self.super_weights.get(id(stored), []):
                 row, col = (index[1], index[0]) if conv1d else index
@@ -231,12 +232,11 @@ def search_zscore(
     entries = _super_weight_entries(model, super_weights)
 
     handles = []
-    with blockwise.single_threaded() as threads, blockwise.WorkerPool(threads, model_device(model)) as pool:
+    with blockwise.WorkerPool(torch.get_num_threads(), model_device(model)) as pool:
         accumulator = _ErrorAccumulator(candidates, config, entries, pool)
         try:
             for _, module in linear_modules(model, filter_fn):
                 handles.append(module.register_forward_pre_hook(accumulator.hook))
-            # NOTE: the forward pass runs on one intra-op thread here, like the kernels.
             run_calibration(model, batch)
         finally:
             for handle in handles:
