@@ -4,9 +4,9 @@
 linear layers' outputs on calibration text, as the super weight paper chose it. The
 error of one linear layer with float input ``X`` (``[tokens, in]``), weight ``W`` and
 quantized weight ``Q`` is ``||X W^T - X Q^T||_F^2``. The search minimizes its sum over
-all quantized layers. Every layer sees the inputs of the unquantized model, captured in
-one forward pass, so the layers are scored independently, as in GPTQ's and AWQ's
-layer-wise objectives.
+all quantized layers. Every layer is scored on the inputs of the unquantized model,
+captured in one forward pass, so no layer's score depends on how the others were
+quantized.
 
 The error is computed from the Gram matrix ``G = X^T X``:
 ``||X D^T||^2 = sum_r d_r G d_r^T`` over the rows ``d_r`` of ``D = W - Q``. Rows whose
