@@ -236,7 +236,8 @@ def parse_manual_quantize(spec: str, restore_and_scale_go: float | bool = False)
     NOTE: three definitions differ from the research code on purpose. A tensor whose
     size is not a multiple of BLOCK gets blocks of BLOCK plus one shorter block, where
     the research code quantizes the whole tensor as one block. ``tp`` clips
-    ``floor(f n)`` elements, one more than the research code. ``SCALESHIFT`` uses exact
+    ``floor(f n)`` elements, one more than the research code when ``f n >= 1``.
+    ``SCALESHIFT`` uses exact
     bin centers (see ``blockwise``).
 
     >>> parse_manual_quantize("clip_4_65536_z_9_False_False", 1.0).describe()
