@@ -1114,17 +1114,10 @@ def _perplexity_axis(ax) -> None:
     """Put ``ax``'s y axis on a log scale labelled with plain numbers (20, 50, 100, not 2×10¹)."""
     ax.set_yscale("log")
     ax.set_ylabel("perplexity (log scale)")
-    default_minor = ax.yaxis.get_minor_formatter()
-
-    def plain(value: float, position: int | None = None) -> str:
-        return f"{value:g}" if value < 1e5 else f"{value:.0e}"
-
-    def minor(value: float, position: int | None = None) -> str:
-        # Keep matplotlib's choice of which minor ticks get a label, in plain numbers.
-        return plain(value) if default_minor(value, position) else ""
-
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(plain))
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(minor))
+    # matplotlib's LogFormatter writes plain numbers and labels minor ticks only when
+    # the axis spans few decades, so labels never crowd.
+    ax.yaxis.set_major_formatter(matplotlib.ticker.LogFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))
 
 
 @_styled

@@ -235,7 +235,9 @@ def _result_table(folder: ResultFolder) -> str:
     rows = []
     for name, run in folder.runs.items():
         settings = run.get("settings") or {}
-        summary = ", ".join(f"{k}={v}" for k, v in settings.items() if not isinstance(v, (dict, list)))
+        # Unset options (None, False) and nested configs would only crowd the column.
+        summary = ", ".join(f"{k}={v}" for k, v in settings.items()
+                            if v is not None and v is not False and not isinstance(v, (dict, list)))
         accs = []
         for t in tasks:
             result = (run.get("tasks") or {}).get(t) or {}
@@ -320,8 +322,10 @@ def build_report(
     options = config.options
 
     def step(message: str) -> None:
-        log.info("%s", message)
-        if on_step is not None:
+        # A caller that shows progress itself gets the message instead of the log line.
+        if on_step is None:
+            log.info("%s", message)
+        else:
             on_step(message)
 
     info = provenance()
