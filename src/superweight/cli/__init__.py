@@ -10,7 +10,7 @@ from superweight import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from superweight.cli import detect, directory, eval, figure, harness, models, report, reproduce
+    from superweight.cli import detect, directory, eval, figure, harness, models, quantize, report, reproduce
 
     parser = argparse.ArgumentParser(
         prog="superweight",
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (detect, directory, models, eval, harness, reproduce, figure, report):
+    for module in (detect, directory, models, eval, quantize, harness, reproduce, figure, report):
         module.add_parser(commands)
     return parser
 
