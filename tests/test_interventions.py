@@ -181,3 +181,15 @@ def test_restore_super_activation_with_padding_batch(model):
     other = [c for c in range(original.shape[-1]) if c != SW.row]
     assert torch.equal(restored[..., other], pruned[..., other])
     assert not torch.equal(pruned[..., SW.row][positions], original[..., SW.row][positions])
+
+
+def test_restore_keeps_existing_instance_forward(model):
+    wrapped = model.forward
+
+    def instance_forward(*args, **kwargs):
+        return wrapped(*args, **kwargs)
+
+    model.forward = instance_forward
+    with restored_super_activations(model, [SW]):
+        model(_ids())
+    assert vars(model)["forward"] is instance_forward

@@ -156,11 +156,17 @@ def restored_super_activations(
     handles = [
         adapter.down_proj_module(model, layer).register_forward_hook(make_hook(layer)) for layer in rows_by_layer
     ]
+    # An instance-level forward may already exist (accelerate's device-map hooks, or a
+    # nested restore); it is put back on exit instead of falling back to the class's.
+    previous_forward = vars(model).get("forward")
     model.forward = forward
     try:
         yield model
     finally:
-        del model.forward  # back to the class's forward
+        if previous_forward is None:
+            del model.forward
+        else:
+            model.forward = previous_forward
         for handle in handles:
             handle.remove()
 
