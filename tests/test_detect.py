@@ -151,7 +151,8 @@ def test_unsupported_model_type_lists_supported():
         get_adapter("mamba")
     message = str(error.value)
     assert "no adapter for model type 'mamba'" in message
-    assert "llama" in message and "gpt2" in message
+    assert "llama" in message
+    assert "gpt2" in message
     assert "register_adapter" in message
 
 

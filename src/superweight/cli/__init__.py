@@ -29,7 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(verbose: int, quiet: bool) -> None:
     from rich.logging import RichHandler
 
-    level = logging.WARNING if quiet else logging.DEBUG if verbose >= 2 else logging.INFO
+    if quiet:
+        level = logging.WARNING
+    elif verbose >= 2:
+        level = logging.DEBUG
+    else:
+        level = logging.INFO
     handler = RichHandler(show_path=False, show_time=False, markup=False)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler])
     logging.getLogger("superweight").setLevel(level)
