@@ -32,7 +32,7 @@ from superweight.quantization import WeightQuantConfig, quantize_tensor, quantiz
 
 SHAPE = (4096, 11008)
 BLOCK_SIZE = 65536
-CLIPS = [("none", None), ("zscore", 9.0), ("block_top", 1e-5), ("tensor_top", 1e-6), ("iqr", 1.5)]
+CLIPS = [("none", None), ("zscore", 9.0), ("block_top", 1e-4), ("tensor_top", 1e-6), ("iqr", 1.5)]
 FORMATS = ["int", "nf4", "nf3"]
 
 

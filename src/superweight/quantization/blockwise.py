@@ -36,7 +36,11 @@ sub-blocks whose maximum can reach them. Quantiles come from a histogram of the 
 bit patterns of ``|w|`` (monotone for non-negative floats), followed by a sort of the few
 elements in the bin that contains each rank.
 
-NOTE: the kernels accept CUDA tensors, but they are tuned and tested on CPU only.
+Float32 tensors on the CPU go to the compiled kernels of
+:mod:`superweight.quantization.fused`, which compute the same results (the tests check
+both against one reference); the torch kernels below handle other dtypes and devices.
+
+NOTE: the torch kernels accept CUDA tensors, but they are tuned and tested on CPU only.
 """
 
 from __future__ import annotations
@@ -50,8 +54,12 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from superweight.quantization import fused
 from superweight.quantization.config import WeightQuantConfig
 
+USE_FUSED = True
+"""Quantize float32 CPU tensors with the compiled kernels of :mod:`superweight.quantization.fused`;
+``False`` uses the torch kernels below for every tensor (the tests compare both)."""
 CHUNK_ELEMENTS = 1 << 20
 """Elements per row group (4 MiB in float32: fits the L2 or L3 cache of current CPUs)."""
 SUB_BLOCK = 64
@@ -229,6 +237,12 @@ def quantize_rows(
     rows, length = src.shape
     pool = pool or WorkerPool(1, src.device)
     nf_tables = _NFTables.build(config.format, src.device) if config.format != "int" else None
+    if USE_FUSED and fused.supports(src, out, codes):
+        lo, scale, clipped = fused.quantize_rows(
+            src, out, config, tensor_threshold=tensor_threshold, codes=codes, threads=pool.workers,
+            levels=None if nf_tables is None else nf_tables.levels,
+        )
+        return BlockResult(lo=lo, scale=scale, clipped=clipped)
     if length <= CHUNK_ELEMENTS:
         rows_per_group = max(1, CHUNK_ELEMENTS // length)
         groups = [(start, min(rows, start + rows_per_group)) for start in range(0, rows, rows_per_group)]
