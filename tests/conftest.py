@@ -16,3 +16,12 @@ def default_model():
     from superweight.models import load_model
 
     return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seeded_torch():
+    """Seed torch's global generator before every test, so tests that draw from it are
+    reproducible and independent of the order they run in."""
+    import torch
+
+    torch.manual_seed(0)

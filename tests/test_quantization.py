@@ -36,7 +36,8 @@ from superweight.quantization.activations import super_activation_mask
 from superweight.quantization.backup import TensorBackup
 from superweight.quantization.blockwise import nf_levels
 from superweight.quantization.smoothquant import smoothing_scales
-from tiny_models import assert_bit_identical, make_model, plant_super_weight, state_snapshot
+from superweight.adapters import get_adapter
+from tiny_models import CONFIGS, assert_bit_identical, make_model, plant_super_weight, state_snapshot
 
 SUPER_WEIGHT = SuperWeight(1, 5, 7)
 
@@ -547,9 +548,10 @@ def test_per_tensor_levels():
 
 
 def test_holding_out_keeps_super_activation():
-    x = torch.randn(3, 10, 64)
+    x = torch.randn(3, 10, 64, generator=torch.Generator().manual_seed(0))
     x[0, 0, 17] = 900.0
     x[2, 4, 17] = -700.0
+    x[1, :, 17] = 0.0  # never the largest value of a token of x[1]
     channels = torch.tensor([17])
     result = fake_quantize_per_token_holding_out(x, channels)
     assert result[0, 0, 17].item() == 900.0
@@ -576,6 +578,19 @@ def test_super_activation_channels(llama):
     assert channels["model.layers.3.mlp.up_proj"] == (SUPER_WEIGHT.row,)
     assert "model.layers.1.self_attn.q_proj" not in channels
     assert "model.layers.2.self_attn.o_proj" not in channels
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_residual_readers_are_linear_layers_of_every_architecture(model_type):
+    model = make_model(model_type)
+    adapter = get_adapter(model)
+    assert adapter.residual_readers, f"{model_type}: no residual readers"
+    channels = super_activation_channels(model, [SuperWeight(0, 3, 5)])
+    readers = [name for name in channels if not name.endswith(adapter.down_proj)]
+    # Every reader of every later layer, each a linear layer whose inputs get the row.
+    assert len(readers) == len(adapter.residual_readers) * (adapter.num_layers(model) - 1)
+    linear_names = {name for name, _ in linear_modules(model)}
+    assert set(readers) <= linear_names
 
 
 @pytest.mark.parametrize("variant", ["rtn", "sa_aware", "smoothquant"])

@@ -50,6 +50,9 @@ class Adapter:
     residual_output: str | None = None
     """Module (relative to a layer) whose output enters the residual stream, when it is
     not the down-projection itself (a norm applied after the MLP)."""
+    residual_readers: tuple[str, ...] = ()
+    """Projections (relative to a layer) that read the residual stream through a norm:
+    the inputs where super-activation-aware W8A8 holds the super activation out."""
 
     def __post_init__(self) -> None:
         if not self.model_types:
@@ -151,11 +154,20 @@ def register_adapter(adapter: Adapter, *, overwrite: bool = False) -> None:
         ADAPTERS[model_type] = adapter
 
 
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
 for _adapter in (
     Adapter(
-        ("llama", "mistral", "qwen2", "qwen3", "olmo", "phi3", "gemma", "stablelm", "smollm3"),
+        ("llama", "mistral", "qwen2", "qwen3", "olmo", "gemma", "stablelm", "smollm3"),
         layers=_LLAMA_LIKE,
         down_proj="mlp.down_proj",
+        residual_readers=(*_QKV, "mlp.gate_proj", "mlp.up_proj"),
+    ),
+    Adapter(
+        ("phi3",),
+        layers=_LLAMA_LIKE,
+        down_proj="mlp.down_proj",
+        residual_readers=("self_attn.qkv_proj", "mlp.gate_up_proj"),
     ),
     # Gemma 2/3 and OLMo 2 normalize the MLP output before the residual add.
     Adapter(
@@ -163,12 +175,16 @@ for _adapter in (
         layers=_LLAMA_LIKE,
         down_proj="mlp.down_proj",
         residual_output="post_feedforward_layernorm",
+        residual_readers=(*_QKV, "mlp.gate_proj", "mlp.up_proj"),
     ),
-    Adapter(("starcoder2",), layers="model.layers", down_proj="mlp.c_proj"),
-    Adapter(("gpt2",), layers="transformer.h", down_proj="mlp.c_proj", layout="conv1d"),
-    Adapter(("gpt_neox",), layers="gpt_neox.layers", down_proj="mlp.dense_4h_to_h"),
-    Adapter(("falcon",), layers="transformer.h", down_proj="mlp.dense_4h_to_h"),
-    Adapter(("opt",), layers="model.decoder.layers", down_proj="fc2"),
+    Adapter(("starcoder2",), layers="model.layers", down_proj="mlp.c_proj", residual_readers=(*_QKV, "mlp.c_fc")),
+    Adapter(("gpt2",), layers="transformer.h", down_proj="mlp.c_proj", layout="conv1d",
+            residual_readers=("attn.c_attn", "mlp.c_fc")),
+    Adapter(("gpt_neox",), layers="gpt_neox.layers", down_proj="mlp.dense_4h_to_h",
+            residual_readers=("attention.query_key_value", "mlp.dense_h_to_4h")),
+    Adapter(("falcon",), layers="transformer.h", down_proj="mlp.dense_4h_to_h",
+            residual_readers=("self_attention.query_key_value", "mlp.dense_h_to_4h")),
+    Adapter(("opt",), layers="model.decoder.layers", down_proj="fc2", residual_readers=(*_QKV, "fc1")),
 ):
     register_adapter(_adapter)
 

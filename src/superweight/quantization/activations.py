@@ -48,26 +48,6 @@ from superweight.quantization.weights import ModuleFilter, linear_modules
 
 log = logging.getLogger(__name__)
 
-# Projections that read the residual stream through a norm, relative to a decoder
-# layer, per config.model_type.
-# TODO: this belongs in the adapter table of superweight.adapters.
-RESIDUAL_READERS: dict[str, tuple[str, ...]] = {
-    **{
-        model_type: ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
-        for model_type in (
-            "llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gemma", "gemma2", "gemma3", "gemma3_text",
-            "smollm3",
-        )
-    },
-    "phi3": ("self_attn.qkv_proj", "mlp.gate_up_proj"),
-    "stablelm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"),
-    "starcoder2": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.c_fc"),
-    "gpt2": ("attn.c_attn", "mlp.c_fc"),
-    "gpt_neox": ("attention.query_key_value", "mlp.dense_h_to_4h"),
-    "falcon": ("self_attention.query_key_value", "mlp.dense_h_to_4h"),
-    "opt": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "fc1"),
-}
-
 ATTENTION_KEY_PREFIX = "superweight_w8a8_"
 """Prefix of the attention implementations registered with transformers, one per wrapped
 implementation (``superweight_w8a8_sdpa``, ...)."""
@@ -233,12 +213,11 @@ def super_activation_channels(model: nn.Module, super_weights: Iterable[SuperWei
         return {}
     adapter = get_adapter(model)
     check_in_range(super_weights, model, adapter)
-    model_type = model.config.model_type
-    if model_type not in RESIDUAL_READERS:
+    if not adapter.residual_readers:
         raise ValueError(
             f"super-activation-aware quantization does not know the residual-reading projections of model "
-            f"type {model_type!r}; supported: {', '.join(sorted(RESIDUAL_READERS))}. Add an entry to "
-            "superweight.quantization.activations.RESIDUAL_READERS"
+            f"type {model.config.model_type!r}; register an adapter with residual_readers "
+            "(see superweight.adapters.register_adapter)"
         )
     names = {id(module): name for name, module in model.named_modules()}
     layers = adapter.decoder_layers(model)
@@ -247,7 +226,7 @@ def super_activation_channels(model: nn.Module, super_weights: Iterable[SuperWei
         down = names[id(adapter.down_proj_module(model, sw.layer))]
         channels.setdefault(down, set()).add(sw.col)
         for later in range(sw.layer + 1, len(layers)):
-            for relative in RESIDUAL_READERS[model_type]:
+            for relative in adapter.residual_readers:
                 module = layers[later].get_submodule(relative)
                 channels.setdefault(names[id(module)], set()).add(sw.row)
     return {name: tuple(sorted(values)) for name, values in channels.items()}
