@@ -1,8 +1,8 @@
 """Fused CPU kernels for block-wise quantization, compiled with numba.
 
-:mod:`superweight.quantization.blockwise` defines the arithmetic; this module computes
-the same results in one compiled loop per pass over a block instead of a dozen eager
-torch operations, so a block is read from memory two or three times in all:
+:mod:`superweight.quantization.blockwise` defines the arithmetic. This module computes
+the same results with one compiled loop per pass over a block, where the torch kernels
+run a dozen eager operations. A block is read from memory two or three times in all:
 
 1. minimum, maximum and a finiteness check, plus the float64 moments of ``|w|`` for
    ``zscore``;

@@ -75,12 +75,14 @@ def abs_order_statistics(row, row_bits, ranks, abs_max_bits):
     """Return the float64 values of |w| at the given ascending ranks (0-based)."""
     n = row.size
     base = (abs_max_bits >> _KEY_SHIFT) - (_HISTOGRAM_BINS - 1)
+
     counts = np.zeros(_HISTOGRAM_BINS, dtype=np.int64)
     for j in range(n):
         key = ((row_bits[j] & 0x7FFFFFFF) >> _KEY_SHIFT) - base
         if key < 0:
             key = 0
         counts[key] += 1
+
     # The bin of each rank and its rank inside the bin.
     bin_of = np.empty(ranks.size, dtype=np.int64)
     within = np.empty(ranks.size, dtype=np.int64)
@@ -94,7 +96,8 @@ def abs_order_statistics(row, row_bits, ranks, abs_max_bits):
         bin_of[i] = b
         within[i] = ranks[i] - total
         if b == 0 and base > 0:
-            merged = True  # bin 0 also holds every value below the 16-octave window
+            merged = True  # bin 0 also contains every value below the 16-octave window
+
     result = np.empty(ranks.size, dtype=np.float64)
     if merged:
         # Rare (a rank below 2^-16 of the block's max |w|): sort the whole block.
@@ -102,18 +105,19 @@ def abs_order_statistics(row, row_bits, ranks, abs_max_bits):
         for i in range(ranks.size):
             result[i] = np.float64(ordered[ranks[i]])
         return result
-    wanted = np.zeros(_HISTOGRAM_BINS, dtype=np.bool_)
+
+    selected_bins = np.zeros(_HISTOGRAM_BINS, dtype=np.bool_)
     size = 0
     for i in range(ranks.size):
-        if not wanted[bin_of[i]]:
-            wanted[bin_of[i]] = True
+        if not selected_bins[bin_of[i]]:
+            selected_bins[bin_of[i]] = True
             size += counts[bin_of[i]]
     collected = np.empty(size, dtype=np.int32)
     filled = 0
     for j in range(n):
         bits = row_bits[j] & 0x7FFFFFFF
         key = (bits >> _KEY_SHIFT) - base
-        if key >= 0 and wanted[key]:
+        if key >= 0 and selected_bins[key]:
             collected[filled] = bits
             filled += 1
     collected.sort()  # non-negative float32 bit patterns sort like the values
@@ -121,7 +125,7 @@ def abs_order_statistics(row, row_bits, ranks, abs_max_bits):
     for i in range(ranks.size):
         start = 0
         for b in range(bin_of[i]):
-            if wanted[b]:
+            if selected_bins[b]:
                 start += counts[b]
         result[i] = np.float64(values[start + within[i]])
     return result
