@@ -50,6 +50,9 @@ def compiled() -> ModuleType:
         from superweight.models import cache_root
 
         os.environ["NUMBA_CACHE_DIR"] = str(cache_root() / "numba")
+    # numba's own thread pool rather than a second OpenMP runtime next to torch's. It does
+    # not allow concurrent parallel calls, which quantize_rows serializes with a lock.
+    os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
     from superweight.quantization import fused_kernels
 
     return fused_kernels
