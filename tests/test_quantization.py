@@ -462,9 +462,13 @@ def test_report_to_dict(llama):
     assert data["matrices"][0]["shape"] == [64, 64]
 
 
-def test_packed_round_trip_is_bit_identical(llama, tmp_path):
-    config = WeightQuantConfig(format="nf4", block_size=1000, clip="zscore", clip_value=3.0,
-                               keep_super_weights=True, restore_factor=1.5)
+@pytest.mark.parametrize("fmt, bits, scale_shift, clip", [
+    ("nf4", 4, False, "zscore"), ("nf3", 3, False, "iqr"), ("int", 4, False, "block_top"), ("int", 3, True, "zscore"),
+])
+def test_packed_round_trip_is_bit_identical(kernel, llama, tmp_path, fmt, bits, scale_shift, clip):
+    clip_value = {"zscore": 3.0, "iqr": 1.5, "block_top": 0.01}[clip]
+    config = WeightQuantConfig(format=fmt, bits=bits, block_size=1000, clip=clip, clip_value=clip_value,
+                               scale_shift=scale_shift, keep_super_weights=True, restore_factor=1.5)
     report = save_quantized(llama, config, tmp_path, [SUPER_WEIGHT])
     fresh = copy.deepcopy(llama)
     assert load_quantized_(fresh, tmp_path) == config
