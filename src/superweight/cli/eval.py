@@ -52,7 +52,9 @@ def add_parser(commands) -> None:
                          help="comma-separated text sources: wiki-sample, c4-sample (offline), wikitext2, c4, "
                          "or a .txt/.jsonl path")
     measure.add_argument("--tasks", metavar="TASKS", help="comma-separated zero-shot tasks (paper task names)")
-    measure.add_argument("--limit", type=float, metavar="N", help="evaluate only the first N examples per task")
+    measure.add_argument("--limit", type=float, metavar="N",
+                         help="evaluate only the first N examples per task; a value below 1 is a fraction "
+                         "of each task, as in lm_eval")
     measure.add_argument("--batch-size", type=int, default=1, metavar="N",
                          help="batch size for perplexity windows and task requests (default: %(default)s)")
     measure.add_argument("--seqlen", type=int, default=2048, metavar="N",

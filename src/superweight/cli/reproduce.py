@@ -95,7 +95,9 @@ def _add_common(parser: argparse.ArgumentParser, experiment: str, default_tasks:
                         help="comma-separated zero-shot tasks; empty for none (default: the seven tasks of Yu et al. 2024)")
     parser.add_argument("--perplexity", default="wiki-sample,c4-sample", metavar="SOURCES",
                         help="comma-separated perplexity text sources; empty for none (default: %(default)s)")
-    parser.add_argument("--limit", type=float, metavar="N", help="evaluate only the first N examples per task")
+    parser.add_argument("--limit", type=float, metavar="N",
+                        help="evaluate only the first N examples per task; a value below 1 is a fraction "
+                        "of each task, as in lm_eval")
     parser.add_argument("--batch-size", type=int, default=1, metavar="N",
                         help="batch size for perplexity windows and task requests (default: %(default)s)")
     parser.add_argument("--seqlen", type=int, default=2048, metavar="N",
