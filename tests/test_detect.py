@@ -182,7 +182,8 @@ def test_report_json_has_documented_fields():
 
     data = detect_super_weights(model, ByteTokenizer(), prompt=PROMPT, max_iterations=1).to_dict()
 
-    sw = data["super_weights"][0]
+    assert data["super_weights"] == [dataclasses.asdict(PLANTED)]
+    sw = data["candidates"][0]
     for key in ("layer", "row", "col", "value", "super_activation", "token", "module", "persistence", "depth"):
         assert key in sw
     assert (sw["layer"], sw["row"], sw["col"]) == dataclasses.astuple(PLANTED)

@@ -52,6 +52,12 @@ def test_persistence_separates_super_weight_from_late_spike(verified_report):
     assert by_layer[28].persistence < 0.1
 
 
+def test_verified_json_lists_only_confirmed(verified_report):
+    data = verified_report.to_dict()
+    assert data["super_weights"] == [{"layer": 11, "row": 507, "col": 1229}, {"layer": 11, "row": 507, "col": 1487}]
+    assert {c["status"] for c in data["candidates"]} == {"confirmed", "rejected"}
+
+
 def test_agrees_with_directory(verified_report):
     assert verified_report.directory["agrees"]
     assert verified_report.provenance["model_sha256"] == verified_report.provenance["model_sha256"].lower()

@@ -203,7 +203,9 @@ class DetectionReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.provenance.get("model"),
-            "super_weights": [c.to_dict() for c in self.candidates],
+            # The property's list (confirmed ones once verified); each candidate in full below.
+            "super_weights": [sw.to_dict() for sw in self.super_weights],
+            "candidates": [c.to_dict() for c in self.candidates],
             "layers": [s.to_dict() for s in self.layers],
             "iterations": [[s.to_dict() for s in step] for step in self.steps],
             "num_layers": self.num_layers,
