@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 
 import pytest
 
@@ -187,7 +188,7 @@ def test_sensitivity_with_tasks(tiny_loaded, tmp_path, text_file):
     table = (tmp_path / "table.md").read_text()
     assert "|  | ARC-e | AVG | ppl " in table
     assert "--limit 2" in table
-    assert "first 1 window (64 tokens) of each source only" in table
+    assert re.search(r"Perplexity with --max-windows 1: \S+: the first 1 of \d+ windows\.", table)
 
 
 def test_render_table_formats_large_perplexity():
@@ -253,3 +254,15 @@ def test_eval_command_table(tiny_folder, text_file, capsys):
 def test_eval_command_errors(tiny_folder, capsys, options, message):
     assert superweight_main(["eval", tiny_folder, *options, *(["--perplexity", "wiki-sample"] if options else [])]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_render_table_says_which_windows_ran():
+    manifest = {"experiment": "t", "model": "m", "configurations": ["a"],
+                "settings": {"tasks": [], "perplexity": ["wiki", "c4"], "seqlen": 2048, "max_windows": 38, "limit": None}}
+    window = {"seqlen": 2048, "stride": 2048, "num_tokens": 38 * 2047, "num_windows": 38}
+    run = {"name": "a", "label": "A", "tasks": {}, "perplexity": {
+        "wiki": {**window, "perplexity": 17.9, "stream_tokens": 446933},
+        "c4": {**window, "perplexity": 29.3, "stream_tokens": 78306},
+    }}
+    table = render_table(manifest, [run])
+    assert "Perplexity with --max-windows 38: wiki: the first 38 of 218 windows; c4: all 38 windows." in table

@@ -339,6 +339,24 @@ def ordered_tasks(tasks: Sequence[str]) -> list[str]:
     return sorted(tasks, key=lambda task: (order.index(task) if task in order else len(order), task))
 
 
+
+def _window_note(runs: Sequence[Mapping[str, Any]], sources: Sequence[str], settings: Mapping[str, Any]) -> str:
+    """Say how many of each source's windows --max-windows left in, from the first run that has it."""
+    parts = []
+    for source in sources:
+        result = next((run["perplexity"][source] for run in runs if source in run.get("perplexity", {})), None)
+        if result is None:
+            continue
+        stride = result.get("stride") or result["seqlen"]
+        available = max(0, (result["stream_tokens"] - result["seqlen"]) // stride + 1)
+        evaluated = result["num_windows"]
+        if evaluated >= available:
+            parts.append(f"{source}: all {evaluated} {'window' if evaluated == 1 else 'windows'}")
+        else:
+            parts.append(f"{source}: the first {evaluated} of {available} windows")
+    windows = settings["max_windows"]
+    return f"Perplexity with --max-windows {windows}: " + ("; ".join(parts) or "no source finished yet") + "."
+
 def render_table(manifest: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> str:
     """Render finished runs as a markdown table: accuracy (%) per task, their mean, perplexities."""
     settings = manifest.get("settings", {})
@@ -371,10 +389,7 @@ def render_table(manifest: Mapping[str, Any], runs: Sequence[Mapping[str, Any]])
     notes = ["", "Accuracy in % (lm_eval `acc`, zero-shot); AVG is their mean. Perplexity: windows of "
              f"{settings.get('seqlen')} tokens (GPTQ protocol) on the named text sources."]
     if sources and settings.get("max_windows") is not None:
-        windows = settings["max_windows"]
-        noun = "window" if windows == 1 else "windows"
-        notes.append(f"Perplexity on the first {windows} {noun} ({windows * settings.get('seqlen', 0):,} tokens) "
-                     "of each source only (--max-windows).")
+        notes.append(_window_note(runs, sources, settings))
     if settings.get("limit") is not None:
         notes.append(f"Evaluated with --limit {settings['limit']:g}: the first {settings['limit']:g} examples of "
                      "each task, not the full splits, so accuracies carry a large sampling error.")
