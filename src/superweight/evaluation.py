@@ -84,7 +84,10 @@ class InterventionSpec:
         if fraction is None:
             for name in ("keep_super_weights", "outlier_layers", "outlier_kinds"):
                 if getattr(self, name):
-                    raise ValueError(f"{name}={getattr(self, name)!r} needs prune_outliers; set a fraction such as 1e-6")
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} needs prune_outliers (on the command line: "
+                        "--prune-outliers FRACTION); set a fraction such as 1e-6"
+                    )
         if self.outlier_layers is not None:
             layers = tuple(self.outlier_layers)
             if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
