@@ -1260,6 +1260,11 @@ def weight_quant_figure(folder: ResultFolder, *, model_label: str | None = None)
                 ax.plot(*zip(*points), marker="o", color=color, label=_METHOD_LABELS.get(method, method))
         if base_accuracy is not None:
             ax.axhline(base_accuracy, color=COLORS["gray"], linestyle="--", linewidth=1)
+        # A row of zeros would otherwise get an axis around 0 with negative accuracies; the
+        # small margin below 0 keeps markers at 0 whole.
+        top = max(10.0, 1.1 * max([v for values in accuracy.values() for v in values if v is not None]
+                                  + [base_accuracy or 0.0]))
+        ax.set_ylim(-0.03 * top, top)
         ax.set_ylabel("average zero-shot accuracy (%)")
         ax.set_title("accuracy")
     styles = ["-", "--", ":", "-."]
