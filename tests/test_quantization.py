@@ -585,7 +585,7 @@ def test_super_activation_channels(llama):
 
 
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
-def test_residual_readers_are_linear_layers_of_every_architecture(model_type):
+def test_residual_readers_every_architecture(model_type):
     model = make_model(model_type)
     adapter = get_adapter(model)
     assert adapter.residual_readers, f"{model_type}: no residual readers"

@@ -51,8 +51,8 @@ class Adapter:
     """Module (relative to a layer) whose output enters the residual stream, when it is
     not the down-projection itself (a norm applied after the MLP)."""
     residual_readers: tuple[str, ...] = ()
-    """Projections (relative to a layer) that read the residual stream through a norm:
-    the inputs where super-activation-aware W8A8 holds the super activation out."""
+    """Projections (relative to a layer) that read the residual stream through a norm.
+    Super-activation-aware W8A8 keeps the super activation out of their input quantization."""
 
     def __post_init__(self) -> None:
         if not self.model_types:

@@ -18,8 +18,8 @@ from superweight.models import CATALOG, DEFAULT_MODEL, DTYPES, LoadedModel, Mode
 log = logging.getLogger("superweight.cli")
 
 # Tables go to stdout; logs and progress to stderr, so `--json` output stays clean.
-# Written to a file or a pipe, rich would fit tables into 80 columns and cut numbers and
-# model ids; a wide fixed width keeps them whole.
+# Written to a file or a pipe, rich fits tables into 80 columns and cuts numbers and
+# model ids. A wide fixed width keeps them whole.
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, soft_wrap=True)
 
