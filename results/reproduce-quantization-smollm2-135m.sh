@@ -2,7 +2,7 @@
 # The quantization experiments on the default model, sized for a shared 2-core CPU:
 # RTN vs super-weight-aware RTN per block size (perplexity on 2 windows of 2048 tokens
 # per source, LAMBADA at --limit 40), and the W8A8 variants (perplexity only, as in the
-# paper's table).
+# paper's table), on 2 windows per source and on the whole c4-sample (38 windows).
 cd "$(dirname "$0")/.." || exit 1
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HOME="$PWD/.cache/hf" SUPERWEIGHT_CACHE="$PWD/.cache/superweight"
@@ -12,3 +12,5 @@ superweight reproduce weight-quant smollm2-135m --block-sizes 16384,65536,262144
     --perplexity wiki-sample,c4-sample --max-windows 2 --output results/weight-quant-smollm2-135m
 superweight reproduce activation-quant smollm2-135m --perplexity wiki-sample,c4-sample --max-windows 2 \
     --output results/activation-quant-smollm2-135m
+superweight reproduce activation-quant smollm2-135m --perplexity c4-sample --max-windows 38 \
+    --output results/activation-quant-c4-smollm2-135m
