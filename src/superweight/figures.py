@@ -1027,6 +1027,15 @@ def _read_json(path: Path) -> Any:
         raise ResultFolderError(f"{path} is not valid JSON ({error}); rerun the experiment that wrote it") from None
 
 
+def _check_experiment(path: Path, experiment: Any, expected: str, model: str | None) -> None:
+    """Raise :class:`ResultFolderError` unless the folder at ``path`` contains an ``expected`` experiment."""
+    if experiment != expected:
+        raise ResultFolderError(
+            f"{str(path)!r} contains a {experiment!r} experiment, but this needs a {expected!r} experiment; "
+            f"write one with `{reproduce_command(expected, model or 'MODEL')}`"
+        )
+
+
 def load_result_folder(path: str | os.PathLike, expected: str | None = None) -> ResultFolder:
     """Read a result folder; with ``expected``, raise unless it contains that experiment."""
     folder = Path(path).expanduser()
@@ -1045,11 +1054,8 @@ def load_result_folder(path: str | os.PathLike, expected: str | None = None) -> 
     manifest = _read_json(manifest_path)
     experiment = manifest.get("experiment")
 
-    if expected is not None and experiment != expected:
-        raise ResultFolderError(
-            f"{str(folder)!r} contains a {experiment!r} experiment, but this needs a {expected!r} experiment; "
-            f"write one with `{reproduce_command(expected, manifest.get('model') or 'MODEL')}`"
-        )
+    if expected is not None:
+        _check_experiment(folder, experiment, expected, manifest.get("model"))
 
     configurations = tuple(manifest.get("configurations") or ())
     run_dir = folder / "runs"
@@ -1123,11 +1129,7 @@ def _perplexity_axis(ax) -> None:
 @_styled
 def sensitivity_figure(folder: ResultFolder, *, model_label: str | None = None) -> FigureResult:
     """Draw average accuracy and perplexity against the super weight scaling factor (Fig. 6)."""
-    if folder.experiment != "sensitivity":
-        raise ResultFolderError(
-            f"{str(folder.path)!r} contains a {folder.experiment!r} experiment, not 'sensitivity'; "
-            f"write one with `{reproduce_command('sensitivity', folder.model or 'MODEL')}`"
-        )
+    _check_experiment(folder.path, folder.experiment, "sensitivity", folder.model)
     points = []
     skipped = []
     for name, run in folder.runs.items():
@@ -1214,11 +1216,7 @@ def block_size_label(block_size: int | str) -> str:
 @_styled
 def weight_quant_figure(folder: ResultFolder, *, model_label: str | None = None) -> FigureResult:
     """Draw accuracy and perplexity against the quantization block size, one line per method (Fig. 7)."""
-    if folder.experiment != "weight-quant":
-        raise ResultFolderError(
-            f"{str(folder.path)!r} contains a {folder.experiment!r} experiment, not 'weight-quant'; "
-            f"write one with `{reproduce_command('weight-quant', folder.model or 'MODEL')}`"
-        )
+    _check_experiment(folder.path, folder.experiment, "weight-quant", folder.model)
     baseline = None
     by_method: dict[str, dict[int | str, dict[str, Any]]] = {}
     for name, run in folder.runs.items():
