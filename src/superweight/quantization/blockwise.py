@@ -236,13 +236,13 @@ def quantize_rows(
     """
     rows, length = src.shape
     pool = pool or WorkerPool(1, src.device)
-    nf_tables = _NFTables.build(config.format, src.device) if config.format != "int" else None
     if USE_FUSED and fused.supports(src, out, codes):
         lo, scale, clipped = fused.quantize_rows(
             src, out, config, tensor_threshold=tensor_threshold, codes=codes, threads=pool.workers,
-            levels=None if nf_tables is None else nf_tables.levels,
+            levels=None if config.format == "int" else nf_levels(config.format),
         )
         return BlockResult(lo=lo, scale=scale, clipped=clipped)
+    nf_tables = _NFTables.build(config.format, src.device) if config.format != "int" else None
     if length <= CHUNK_ELEMENTS:
         rows_per_group = max(1, CHUNK_ELEMENTS // length)
         groups = [(start, min(rows, start + rows_per_group)) for start in range(0, rows, rows_per_group)]

@@ -15,8 +15,8 @@ Blocks run in parallel over numba's threads. Only float32 tensors on the CPU tak
 path (see :func:`supports`); other dtypes and devices use the torch kernels.
 
 The compiled code is cached under ``<superweight cache>/numba`` unless
-``NUMBA_CACHE_DIR`` is set, so only the first call on a machine pays for compilation
-(about 15 s on 2 cores); later processes load it in about 1 s.
+``NUMBA_CACHE_DIR`` is set. Only the first call on a machine compiles it (about 15 s on
+2 cores), and later processes load it in about 1 s.
 """
 
 from __future__ import annotations
@@ -86,12 +86,14 @@ def quantize_rows(
         rounding, numerator = kernels.ROUND_SHIFT, float(2**config.bits)
     else:
         rounding, numerator = kernels.ROUND_INT, float(2**config.bits - 1)
-    # 15 decision boundaries (l_j + l_{j+1}) / 2, padded with +inf for NF3.
+    # The 15 decision boundaries of NF4, padded with +inf for NF3.
     midpoints = np.full(15, np.inf, dtype=np.float32)
     level_array = np.zeros(1, dtype=np.float32)
     if levels is not None:
-        level_array = levels.numpy().astype(np.float32)
-        midpoints[: level_array.size - 1] = (level_array[:-1] + level_array[1:]) / np.float32(2)
+        from superweight.quantization.blockwise import nf_midpoints
+
+        level_array = levels.float().numpy()
+        midpoints[: level_array.size - 1] = nf_midpoints(levels.float()).numpy()
 
     lo = np.empty(rows, dtype=np.float32)
     scale = np.empty(rows, dtype=np.float32)

@@ -9,17 +9,15 @@ import math
 import numba
 import numpy as np
 
+# The same histogram layout as the torch kernels: 16 octaves below the block's max |w|,
+# 128 bins per octave.
+from superweight.quantization.blockwise import _HISTOGRAM_BINS, _KEY_SHIFT
+
 f32 = np.float32
-_HISTOGRAM_BINS = 2048
-"""Histogram bins per block: 16 octaves below the block's max |w|, 128 bins per octave."""
-_KEY_SHIFT = 16
-"""Low bits dropped from a float32 bit pattern to get its bin: 8 exponent and 7 mantissa
-bits remain, so one bin spans 1/128 of an octave."""
 
 # Codes of the clipping rule and the rounding rule.
 CLIP_NONE, CLIP_FIXED, CLIP_ZSCORE, CLIP_RANK, CLIP_IQR = range(5)
 ROUND_INT, ROUND_SHIFT, ROUND_NF = range(3)
-
 
 
 # min and max are exact in any order, so their loops may be vectorized ("reassoc",
