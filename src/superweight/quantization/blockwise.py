@@ -37,8 +37,8 @@ bit patterns of ``|w|`` (monotone for non-negative floats), followed by a sort o
 elements in the bin that contains each rank.
 
 Float32 tensors on the CPU go to the compiled kernels of
-:mod:`superweight.quantization.fused`, which compute the same results (the tests check
-both against one reference); the torch kernels below handle other dtypes and devices.
+:mod:`superweight.quantization.fused`, which compute the same results, and the tests
+check both against one reference. The torch kernels below handle other dtypes and devices.
 
 NOTE: the torch kernels accept CUDA tensors, but they are tuned and tested on CPU only.
 """
@@ -58,8 +58,8 @@ from superweight.quantization import fused
 from superweight.quantization.config import WeightQuantConfig
 
 USE_FUSED = True
-"""Quantize float32 CPU tensors with the compiled kernels of :mod:`superweight.quantization.fused`;
-``False`` uses the torch kernels below for every tensor (the tests compare both)."""
+"""Whether float32 CPU tensors take the compiled kernels of :mod:`superweight.quantization.fused`.
+With ``False``, the torch kernels below quantize every tensor, which the tests use to compare both."""
 CHUNK_ELEMENTS = 1 << 20
 """Elements per row group (4 MiB in float32: fits the L2 or L3 cache of current CPUs)."""
 SUB_BLOCK = 64

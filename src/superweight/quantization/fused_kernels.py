@@ -162,7 +162,7 @@ def shift_pass(row, target, threshold, low, scale, top):
 @numba.njit(cache=True, nogil=True)
 def nf_pass(row, target, threshold, low, scale, m, d):
     # x > m_k for exactly the midpoints below x, so the chain of selects ends on the
-    # nearest level (ties to the lower one); unused midpoints are +inf.
+    # nearest level, with ties to the lower one. Unused midpoints are +inf.
     clipped = 0
     one = f32(1.0)
     m0, m1, m2, m3, m4, m5, m6, m7 = m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7]
@@ -252,7 +252,8 @@ def kernel(src, src_bits, out, codes, write_codes, clip_mode, clip_value, rank, 
 
         target = out[r]
         if rounding == ROUND_NF:
-            # The dequantized value of every level, padded to 16 (never selected).
+            # The dequantized value of every level, padded to 16. The padding is never
+            # selected, because its midpoints are +inf.
             dequantized = np.zeros(16, dtype=np.float32)
             for i in range(levels.size):
                 dequantized[i] = (levels[i] + one) / scale + low
